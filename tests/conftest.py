@@ -1,0 +1,72 @@
+"""Shared pytest setup.
+
+The CPU is split into two logical devices before TensorFlow initialises,
+so that tests can exercise `tf.distribute.MirroredStrategy` on a machine
+without GPUs. Single-device tests run on the first of them, as usual.
+"""
+
+import hashlib
+import os
+import pathlib
+import shutil
+import tarfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0],
+    [tf.config.LogicalDeviceConfiguration()] * 2,
+)
+
+SHARED_CIFAR = (
+    pathlib.Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "cifar10-jpeg.tar.gz"
+)
+CIFAR_ARCHIVE = pathlib.Path(
+    os.environ.get("KERAS_VFBN_CIFAR_ARCHIVE", SHARED_CIFAR)
+)
+
+
+@pytest.fixture(autouse=True)
+def _reset_keras_state():
+    import keras
+
+    keras.backend.clear_session()
+    yield
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    """The real CIFAR-10 JPEG copy, extracted once per test session.
+
+    Returns the directory holding `train/<class>/` and `test/<class>/`.
+    """
+    if not CIFAR_ARCHIVE.exists():
+        pytest.skip(
+            f"real CIFAR-10 copy not found at {CIFAR_ARCHIVE}; put the "
+            "shared data beside the checkout or set "
+            "KERAS_VFBN_CIFAR_ARCHIVE"
+        )
+    cache = pathlib.Path(
+        os.environ.get(
+            "KERAS_VFBN_CACHE",
+            pathlib.Path.home() / ".cache" / "keras_vfbn",
+        )
+    )
+    digest = hashlib.sha256(str(CIFAR_ARCHIVE).encode()).hexdigest()[:8]
+    target = cache / f"cifar10-jpeg-{digest}"
+    if not (target / "test").is_dir():
+        staging = tmp_path_factory.mktemp("cifar")
+        with tarfile.open(CIFAR_ARCHIVE) as archive:
+            archive.extractall(staging, filter="data")
+        root = next(p.parent for p in staging.rglob("train") if p.is_dir())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not (target / "test").is_dir():
+            shutil.move(str(root), str(target))
+    return target
