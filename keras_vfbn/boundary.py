@@ -54,7 +54,11 @@ def labels_to_one_hot(labels, num_classes, layer_name):
     if num_classes > 1 and sparse:
         indices = tf.cast(tf.reshape(labels, [-1]), tf.int32)
         return tf.one_hot(indices, num_classes)
-    if shape.rank == 2 and shape[-1] == num_classes and labels.dtype.is_floating:
+    if (
+        shape.rank == 2
+        and shape[-1] == num_classes
+        and labels.dtype.is_floating
+    ):
         return labels
     raise ValueError(
         f"Boundary '{layer_name}' cannot use labels of shape {shape} and "

@@ -185,9 +185,7 @@ class SyntheticGradientModel(keras.Model):
             boundary.name: list(boundary.synthesizer.trainable_variables)
             for boundary in self.boundaries
         }
-        taken = {
-            id(v) for group in synthesizer_groups.values() for v in group
-        }
+        taken = {id(v) for group in synthesizer_groups.values() for v in group}
         main = [v for v in self.trainable_variables if id(v) not in taken]
         return main, synthesizer_groups
 

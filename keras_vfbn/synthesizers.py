@@ -21,7 +21,9 @@ def _broadcast_labels(h, labels):
     labels = tf.cast(labels, h.dtype)
     if _is_feature_map(h.shape):
         spatial = tf.shape(h)[1:3]
-        tiled = tf.tile(labels[:, None, None, :], [1, spatial[0], spatial[1], 1])
+        tiled = tf.tile(
+            labels[:, None, None, :], [1, spatial[0], spatial[1], 1]
+        )
         return tf.concat([h, tiled], axis=-1)
     return tf.concat([h, labels], axis=-1)
 
@@ -128,18 +130,34 @@ class _ResidualBlock(keras.layers.Layer):
     def build(self, input_shape):
         if self.maps:
             self.layer1 = keras.layers.Conv2D(
-                self.width, 3, padding="same", use_bias=not self.batch_norm
+                self.width,
+                3,
+                padding="same",
+                use_bias=not self.batch_norm,
+                dtype=self.dtype_policy,
             )
             self.layer2 = keras.layers.Conv2D(
-                self.width, 3, padding="same", use_bias=not self.batch_norm
+                self.width,
+                3,
+                padding="same",
+                use_bias=not self.batch_norm,
+                dtype=self.dtype_policy,
             )
         else:
-            self.layer1 = keras.layers.Dense(self.width)
-            self.layer2 = keras.layers.Dense(self.width)
+            self.layer1 = keras.layers.Dense(
+                self.width, dtype=self.dtype_policy
+            )
+            self.layer2 = keras.layers.Dense(
+                self.width, dtype=self.dtype_policy
+            )
         self.norm1 = self.norm2 = None
         if self.maps and self.batch_norm:
-            self.norm1 = keras.layers.BatchNormalization()
-            self.norm2 = keras.layers.BatchNormalization()
+            self.norm1 = keras.layers.BatchNormalization(
+                dtype=self.dtype_policy
+            )
+            self.norm2 = keras.layers.BatchNormalization(
+                dtype=self.dtype_policy
+            )
         for layer in (self.layer1, self.norm1, self.layer2, self.norm2):
             if layer is not None:
                 layer.build(input_shape)
@@ -236,18 +254,30 @@ class VFBNSynthesizer(Synthesizer):
         self.projection = None
         if self.depth and width != input_shape[-1]:
             if maps:
-                self.projection = keras.layers.Conv2D(width, 1, use_bias=False)
+                self.projection = keras.layers.Conv2D(
+                    width, 1, use_bias=False, dtype=self.dtype_policy
+                )
             else:
-                self.projection = keras.layers.Dense(width)
+                self.projection = keras.layers.Dense(
+                    width, dtype=self.dtype_policy
+                )
             self.projection.build(shape)
             shape = shape[:-1] + (width,)
         self.blocks = []
         for _ in range(self.depth):
-            block = _ResidualBlock(width, maps, self.batch_norm)
+            block = _ResidualBlock(
+                width, maps, self.batch_norm, dtype=self.dtype_policy
+            )
             block.build(shape)
             self.blocks.append(block)
-        self.pool = keras.layers.GlobalAveragePooling2D() if maps else None
-        self.head = keras.layers.Dense(self.num_classes)
+        self.pool = (
+            keras.layers.GlobalAveragePooling2D(dtype=self.dtype_policy)
+            if maps
+            else None
+        )
+        self.head = keras.layers.Dense(
+            self.num_classes, dtype=self.dtype_policy
+        )
         self.head.build((shape[0], shape[-1]))
 
     def virtual_forward(self, h, training=False):
@@ -285,18 +315,13 @@ class VFBNSynthesizer(Synthesizer):
         return config
 
 
-def _zero_output_layer(units, maps, kernel_size):
-    if maps:
-        return keras.layers.Conv2D(
-            units,
-            kernel_size,
-            padding="same",
-            kernel_initializer="zeros",
-            bias_initializer="zeros",
-        )
-    return keras.layers.Dense(
-        units, kernel_initializer="zeros", bias_initializer="zeros"
+def _zero_output_layer(units, maps, kernel_size, dtype):
+    zeros = dict(
+        kernel_initializer="zeros", bias_initializer="zeros", dtype=dtype
     )
+    if maps:
+        return keras.layers.Conv2D(units, kernel_size, padding="same", **zeros)
+    return keras.layers.Dense(units, **zeros)
 
 
 class _LabelConditioned(Synthesizer):
@@ -354,7 +379,7 @@ class LinearSynthesizer(_LabelConditioned):
         _check_input_shape(self, input_shape)
         maps = _is_feature_map(input_shape)
         self.output_layer = _zero_output_layer(
-            input_shape[-1], maps, self.kernel_size
+            input_shape[-1], maps, self.kernel_size, self.dtype_policy
         )
         conditioned = tuple(input_shape[:-1]) + (
             input_shape[-1] + self.num_classes,
@@ -362,7 +387,9 @@ class LinearSynthesizer(_LabelConditioned):
         self.output_layer.build(conditioned)
 
     def synthesize(self, h, labels, training=False):
-        return self.output_scale * self.output_layer(_broadcast_labels(h, labels))
+        return self.output_scale * self.output_layer(
+            _broadcast_labels(h, labels)
+        )
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -413,21 +440,29 @@ class ResNetSynthesizer(_LabelConditioned):
         hidden = tuple(input_shape[:-1]) + (width,)
         if maps:
             self.stem = keras.layers.Conv2D(
-                width, 3, padding="same", use_bias=False
+                width,
+                3,
+                padding="same",
+                use_bias=False,
+                dtype=self.dtype_policy,
             )
-            self.stem_norm = keras.layers.BatchNormalization()
+            self.stem_norm = keras.layers.BatchNormalization(
+                dtype=self.dtype_policy
+            )
             self.stem_norm.build(hidden)
         else:
-            self.stem = keras.layers.Dense(width)
+            self.stem = keras.layers.Dense(width, dtype=self.dtype_policy)
             self.stem_norm = None
         self.stem.build(conditioned)
         self.blocks = []
         for _ in range(self.depth):
-            block = _ResidualBlock(width, maps, batch_norm=True)
+            block = _ResidualBlock(
+                width, maps, batch_norm=True, dtype=self.dtype_policy
+            )
             block.build(hidden)
             self.blocks.append(block)
         self.output_layer = _zero_output_layer(
-            input_shape[-1], maps, self.kernel_size
+            input_shape[-1], maps, self.kernel_size, self.dtype_policy
         )
         self.output_layer.build(hidden)
 

@@ -70,3 +70,18 @@ def cifar_dir(tmp_path_factory):
         if not (target / "test").is_dir():
             shutil.move(str(root), str(target))
     return target
+
+
+_MIRRORED = []
+
+
+@pytest.fixture
+def mirrored_strategy():
+    """One MirroredStrategy over the two logical CPUs, shared by all tests.
+
+    Strategies created one after another in a process can reuse collective
+    instance keys and abort with a shape mismatch; one instance avoids it.
+    """
+    if not _MIRRORED:
+        _MIRRORED.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    return _MIRRORED[0]
