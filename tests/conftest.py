@@ -5,11 +5,8 @@ so that tests can exercise `tf.distribute.MirroredStrategy` on a machine
 without GPUs. Single-device tests run on the first of them, as usual.
 """
 
-import hashlib
 import os
 import pathlib
-import shutil
-import tarfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -53,23 +50,10 @@ def cifar_dir(tmp_path_factory):
             "shared data beside the checkout or set "
             "KERAS_VFBN_CIFAR_ARCHIVE"
         )
-    cache = pathlib.Path(
-        os.environ.get(
-            "KERAS_VFBN_CACHE",
-            pathlib.Path.home() / ".cache" / "keras_vfbn",
-        )
-    )
-    digest = hashlib.sha256(str(CIFAR_ARCHIVE).encode()).hexdigest()[:8]
-    target = cache / f"cifar10-jpeg-{digest}"
-    if not (target / "test").is_dir():
-        staging = tmp_path_factory.mktemp("cifar")
-        with tarfile.open(CIFAR_ARCHIVE) as archive:
-            archive.extractall(staging, filter="data")
-        root = next(p.parent for p in staging.rglob("train") if p.is_dir())
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not (target / "test").is_dir():
-            shutil.move(str(root), str(target))
-    return target
+    from trainers.data import prepare_image_folder
+
+    cache = os.environ.get("KERAS_VFBN_CACHE")
+    return prepare_image_folder(CIFAR_ARCHIVE, cache_dir=cache)
 
 
 _MIRRORED = []

@@ -18,7 +18,6 @@ last completed epoch. Boolean flags are written --flag or --noflag (or
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import sys
@@ -28,13 +27,18 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from trainers import resnet
+from trainers import spec
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 DATASETS = ("cifar10", "image_folder")
 
 # Flags that may change between the launches of one run directory.
-RELAUNCH_FREE_FLAGS = ("progress_bar", "num_cpu_devices", "strategy")
+RELAUNCH_FREE_FLAGS = (
+    "progress_bar",
+    "num_cpu_devices",
+    "strategy",
+    "model_dir",
+)
 
 
 @dataclasses.dataclass
@@ -115,7 +119,7 @@ def define_flags(flag_values=None):
     flags.DEFINE_enum(
         "method",
         default("method"),
-        resnet.METHODS,
+        spec.METHODS,
         "Training method: bp (whole network by backprop), half (the bottom "
         "section alone with a classifier head), local (each section below "
         "a cut trained by its own auxiliary classifier, no gradient across "
@@ -371,9 +375,7 @@ FLAG_NAMES = tuple(TrainConfig.__dataclass_fields__)
 
 
 def _tfds_version():
-    from trainers import data
-
-    return data.TFDS_VERSION
+    return spec.TFDS_VERSION
 
 
 def _register_validators(fv):
@@ -451,7 +453,7 @@ def _register_validators(fv):
         if depth is None or depth < 8 or (depth - 2) % 6:
             return True  # --depth reports its own error.
         try:
-            resnet.validate_cuts(depth, cuts)
+            spec.validate_cuts(depth, cuts)
         except ValueError as e:
             raise flags.ValidationError(f"--cuts: {e}") from None
         return True
@@ -571,15 +573,28 @@ def format_model_dir(template, values):
         ) from None
 
 
-def flagfile_text(flag_values=None):
-    """The trainer's effective flags as a flagfile, one flag a line."""
+def flagfile_text(flag_values=None, model_dir=None):
+    """The trainer's effective flags as a flagfile, one flag a line.
+
+    Args:
+        flag_values: parsed `FlagValues`; default `flags.FLAGS`.
+        model_dir: written instead of the --model_dir value (e.g. with its
+            placeholders filled in).
+
+    Returns:
+        The flagfile text; `--flagfile=` it to relaunch the run.
+    """
     fv = flags.FLAGS if flag_values is None else flag_values
-    lines = []
+    lines = [
+        "# Effective flags of this run; relaunch (or resume) it with",
+        "# python -m trainers.cifar --flagfile=THIS_FILE",
+    ]
     for name in FLAG_NAMES:
         flag = fv[name]
-        if flag.value is None:
-            continue
-        lines.append(flag.serialize())
+        if name == "model_dir" and model_dir is not None:
+            lines.append(f"--model_dir={model_dir}")
+        elif flag.value is not None:
+            lines.append(flag.serialize())
     return "\n".join(lines) + "\n"
 
 
@@ -665,6 +680,8 @@ def compile_model(
         The model, compiled.
     """
     import keras
+
+    from trainers import resnet
 
     def loss():
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -828,6 +845,7 @@ def train(config):
     import numpy as np
 
     from trainers import data
+    from trainers import resnet
 
     start = time.time()
     configure_devices(config.strategy, config.num_cpu_devices)
@@ -908,7 +926,7 @@ def train(config):
             synthesizer_warmup_steps=config.synthesizer_warmup_steps,
             synthesizer_loss_weight=config.synthesizer_loss_weight,
         )
-    cuts = resnet.validate_cuts(config.depth, config.cuts or None)
+    cuts = spec.validate_cuts(config.depth, config.cuts or None)
     logging.info(
         "Model %s: %d parameters, cuts after blocks %s",
         model.name,
@@ -1047,8 +1065,29 @@ def _check_relaunch(model_dir, text):
 def main(argv):
     """absl entry point: checks, then trains with the parsed flags."""
     check_positional_arguments(argv)
-    config = config_from_flags()
-    text = flagfile_text()
+    run_from_flags(flags.FLAGS)
+
+
+def run_from_flags(flag_values):
+    """Runs the trainer from parsed flags, as `main` does after its checks.
+
+    Writes the effective flags to `<model_dir>/flags.cfg`, trains, and
+    prints one line with the test accuracy.
+
+    Args:
+        flag_values: parsed `FlagValues` holding `define_flags`' flags.
+
+    Returns:
+        The results dictionary of `train`.
+
+    Raises:
+        app.UsageError: for a missing --model_dir, a run directory holding
+            a run with other flags, or an image folder without images.
+        SystemExit: with one message, when the dataset is unavailable or an
+            image does not decode.
+    """
+    config = config_from_flags(flag_values)
+    text = flagfile_text(flag_values, model_dir=config.model_dir)
     _check_relaunch(config.model_dir, text)
     if config.dataset == "image_folder":
         _preflight_image_folder(config)
@@ -1066,9 +1105,7 @@ def main(argv):
         )
     try:
         results = train(config)
-    except data.DatasetUnavailableError as e:
-        sys.exit(f"Error: {e}")
-    except data.CorruptImageError as e:
+    except (data.DatasetUnavailableError, data.CorruptImageError) as e:
         sys.exit(f"Error: {e}")
     print(
         f"method={results['method']} depth={results['depth']} "
@@ -1078,6 +1115,7 @@ def main(argv):
         f"results={pathlib.Path(config.model_dir) / 'results.json'}",
         flush=True,
     )
+    return results
 
 
 def _preflight_image_folder(config):

@@ -37,8 +37,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-TFDS_NAME = "cifar10"
-TFDS_VERSION = "3.0.2"
+from trainers.spec import TFDS_NAME
+from trainers.spec import TFDS_VERSION
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 DEFAULT_CACHE_DIR = pathlib.Path.home() / ".cache" / "keras_vfbn"
 _DECODE_BATCH = 1024
