@@ -131,8 +131,12 @@ class SyntheticGradientBoundary(keras.layers.Layer):
         )
 
     def build(self, input_shape):
-        self.synthesizer.build(input_shape)
-        self.synthesizer.built = True
+        # A synthesizer restored by `load_model` arrives already built from
+        # its own build config; building it again would add its sublayers
+        # twice.
+        if not self.synthesizer.built:
+            self.synthesizer.build(input_shape)
+            self.synthesizer.built = True
 
     def call(self, inputs, training=False):
         if not training:
