@@ -1,6 +1,5 @@
 """trainers.data: image folders, archives, tensorflow-datasets, pipelines."""
 
-import pathlib
 import tarfile
 import time
 
@@ -141,9 +140,7 @@ def test_pipelines_standardise_augment_and_batch():
     assert abs(float(tf.reduce_mean(images))) < 0.1
     # Endless: more batches than one pass holds.
     assert len(list(train.take(7))) == 7
-    test = data.make_eval_dataset(
-        arrays.x_test, arrays.y_test, 32, mean, std
-    )
+    test = data.make_eval_dataset(arrays.x_test, arrays.y_test, 32, mean, std)
     assert [int(x.shape[0]) for x, _ in test] == [32, 18]
 
 
@@ -172,8 +169,9 @@ def test_tfds_cifar10_through_mock_data(tmp_path):
 
 
 @pytest.mark.parametrize("download", [False, True])
-def test_tfds_offline_without_a_copy_fails_fast(tmp_path, download,
-                                                monkeypatch):
+def test_tfds_offline_without_a_copy_fails_fast(
+    tmp_path, download, monkeypatch
+):
     # With downloads on, a host that cannot be reached stands for no
     # network (on a machine with one, the download would start).
     monkeypatch.setattr(data, "_can_reach", lambda *a, **k: False)

@@ -23,9 +23,7 @@ import pathlib
 import sys
 import time
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from trainers import spec
 
@@ -641,9 +639,7 @@ def make_learning_rate_schedule(
     values.append(rate)
     if not boundaries:
         return float(learning_rate)
-    return keras.optimizers.schedules.PiecewiseConstantDecay(
-        boundaries, values
-    )
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
 def make_optimizer(learning_rate, momentum=0.9):
@@ -795,8 +791,10 @@ def _worker_dir(model_dir):
     if _is_chief():
         return pathlib.Path(model_dir)
     task = json.loads(os.environ["TF_CONFIG"])["task"]
-    return pathlib.Path(model_dir) / "workers" / (
-        f"{task['type']}-{task['index']}"
+    return (
+        pathlib.Path(model_dir)
+        / "workers"
+        / (f"{task['type']}-{task['index']}")
     )
 
 
@@ -806,9 +804,18 @@ def _make_tensorboard_callback(log_dir, update_freq):
     class StepAlignedTensorBoard(keras.callbacks.TensorBoard):
         """TensorBoard whose step counter continues across resumes."""
 
+        def on_epoch_begin(self, epoch, logs=None):
+            # After BackupAndRestore has restored the optimizer.
+            if not getattr(self, "_aligned", False):
+                self._global_train_batch = int(
+                    keras.ops.convert_to_numpy(self.model.optimizer.iterations)
+                )
+                self._aligned = True
+            super().on_epoch_begin(epoch, logs)
+
         def on_train_begin(self, logs=None):
             super().on_train_begin(logs)
-            self._global_train_batch = int(self.model.optimizer.iterations)
+            self._aligned = False
 
     return StepAlignedTensorBoard(
         log_dir=str(log_dir),
@@ -844,12 +851,17 @@ def train(config):
     import keras
     import numpy as np
 
-    from trainers import data
-    from trainers import resnet
+    from trainers import data, resnet
 
     start = time.time()
-    configure_devices(config.strategy, config.num_cpu_devices)
     out_dir = _worker_dir(config.model_dir)
+    finished = out_dir / "results.json"
+    if finished.exists() and _backup_epoch(out_dir / "backup") >= (
+        config.epochs
+    ):
+        logging.info("%s is a finished run; not training it again.", out_dir)
+        return json.loads(finished.read_text())
+    configure_devices(config.strategy, config.num_cpu_devices)
     out_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
 
@@ -950,10 +962,10 @@ def train(config):
             config.epochs,
         )
     (out_dir / "checkpoints").mkdir(exist_ok=True)
+    # BackupAndRestore goes last: an epoch counts as done for a resume
+    # only once its CSV row, checkpoint and TensorBoard summaries are out.
     callbacks = [
-        keras.callbacks.BackupAndRestore(
-            str(backup_dir), double_checkpoint=True, delete_checkpoint=False
-        ),
+        keras.callbacks.CSVLogger(str(out_dir / "metrics.csv"), append=True),
         keras.callbacks.ModelCheckpoint(
             str(out_dir / "checkpoints" / "last.weights.h5"),
             save_weights_only=True,
@@ -961,7 +973,6 @@ def train(config):
         _make_tensorboard_callback(
             out_dir / "tensorboard", config.tensorboard_update_freq
         ),
-        keras.callbacks.CSVLogger(str(out_dir / "metrics.csv"), append=True),
     ]
     if config.progress_bar:
         # Before the epoch log, so that the bar's line ends first.
@@ -969,6 +980,9 @@ def train(config):
     callbacks += [
         keras.callbacks.LambdaCallback(on_epoch_end=_log_epoch),
         keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.BackupAndRestore(
+            str(backup_dir), double_checkpoint=True, delete_checkpoint=False
+        ),
     ]
     fit_start = time.time()
     history = model.fit(
@@ -976,6 +990,7 @@ def train(config):
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
         validation_data=val_ds,
+        shuffle=False,  # the pipeline shuffles
         callbacks=callbacks,
         verbose=1 if config.progress_bar else 2,
     )
@@ -985,9 +1000,7 @@ def train(config):
     test_accuracy = float(test_logs[accuracy_key(test_logs)])
     model.save(out_dir / "model.keras")
 
-    last_logs = {
-        k: float(v[-1]) for k, v in history.history.items() if len(v)
-    }
+    last_logs = {k: float(v[-1]) for k, v in history.history.items() if len(v)}
     diagnostics = {
         k: v
         for k, v in last_logs.items()

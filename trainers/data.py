@@ -37,8 +37,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainers.spec import TFDS_NAME
-from trainers.spec import TFDS_VERSION
+from trainers.spec import TFDS_NAME, TFDS_VERSION
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 DEFAULT_CACHE_DIR = pathlib.Path.home() / ".cache" / "keras_vfbn"
@@ -385,8 +384,9 @@ def load_tfds(
                 f"{name}:{version} --data_dir=DIR) and pass that "
                 "directory, or read an image folder instead."
             ) from None
-        logging.info("Downloading and preparing %s:%s in %s", name, version,
-                     where)
+        logging.info(
+            "Downloading and preparing %s:%s in %s", name, version, where
+        )
         builder.download_and_prepare()
         arrays = read()
     info = builder.info

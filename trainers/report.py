@@ -30,9 +30,7 @@ import math
 import os
 import pathlib
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 METHOD_LABELS = {
     "bp": "backprop (whole network)",
@@ -83,9 +81,7 @@ def read_metrics_csv(run_dir):
                 epoch = int(row["epoch"])
             except (KeyError, ValueError):
                 continue
-            rows[epoch] = {
-                k: _float(v) for k, v in row.items() if k != "epoch"
-            }
+            rows[epoch] = {k: _float(v) for k, v in row.items() if k != "epoch"}
     return [dict(rows[e], epoch=e) for e in sorted(rows)]
 
 
@@ -118,9 +114,7 @@ def read_step_scalars(run_dir, suffix="_cosine"):
                 event = tf.compat.v1.Event.FromString(record.numpy())
                 for value in event.summary.value:
                     tag = value.tag
-                    if not tag.startswith("batch_") or not tag.endswith(
-                        suffix
-                    ):
+                    if not tag.startswith("batch_") or not tag.endswith(suffix):
                         continue
                     if value.HasField("tensor"):
                         number = float(tf.make_ndarray(value.tensor))
@@ -327,9 +321,10 @@ def write_report(run_dirs, output_dir=None):
     runs = []
     for run_dir in run_dirs:
         path = pathlib.Path(run_dir)
-        if not (path / "flags.cfg").exists() and not (
-            path / "results.json"
-        ).exists():
+        if (
+            not (path / "flags.cfg").exists()
+            and not (path / "results.json").exists()
+        ):
             raise FileNotFoundError(
                 f"{run_dir} is not a trainers.cifar run directory (no "
                 "flags.cfg or results.json)."
@@ -389,9 +384,11 @@ def main(argv):
     except FileNotFoundError as e:
         raise app.UsageError(str(e))
     print(table, end="")
-    print(f"Wrote {output_dir / 'report.md'}, "
-          f"{output_dir / 'error_vs_epoch.png'} and "
-          f"{output_dir / 'cosine_vs_step.png'}")
+    print(
+        f"Wrote {output_dir / 'report.md'}, "
+        f"{output_dir / 'error_vs_epoch.png'} and "
+        f"{output_dir / 'cosine_vs_step.png'}"
+    )
 
 
 def run():

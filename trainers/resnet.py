@@ -34,11 +34,13 @@ are plain `keras.Model`s. All outputs are logits.
 import keras
 import tensorflow as tf
 
-from trainers.spec import METHODS
-from trainers.spec import SYNTHETIC_GRADIENT_METHODS
-from trainers.spec import blocks_per_stage
-from trainers.spec import default_cuts
-from trainers.spec import validate_cuts
+from trainers.spec import (
+    METHODS,
+    SYNTHETIC_GRADIENT_METHODS,
+    blocks_per_stage,
+    default_cuts,
+    validate_cuts,
+)
 
 __all__ = [
     "METHODS",
