@@ -13,10 +13,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from oracles import NUM_CLASSES, OracleSynthesizer
 
 import keras_vfbn
 
-NUM_CLASSES = 3
 BATCH = 8
 
 
@@ -26,12 +26,6 @@ def sgd():
 
 def task_loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def per_example_loss(labels, logits):
-    return keras.losses.categorical_crossentropy(
-        labels, logits, from_logits=True
-    )
 
 
 def batch(features=5, num_classes=NUM_CLASSES, size=BATCH, seed=0):
@@ -53,32 +47,6 @@ def fit_one_step(model, x, y):
     return model.fit(
         x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0
     )
-
-
-class OracleSynthesizer(keras_vfbn.Synthesizer):
-    """Returns the true per-example gradient through the real upper layers.
-
-    `upper` is a plain callable, so the upper layers' weights are not
-    tracked as synthesizer weights. The shapes of what it is asked to
-    synthesize from, and of the targets it is fitted to, are recorded.
-    """
-
-    def __init__(self, upper, **kwargs):
-        super().__init__(NUM_CLASSES, **kwargs)
-        self.upper = upper
-        self.input_shapes = []
-        self.target_shapes = []
-
-    def synthesize(self, h, labels, training=False):
-        self.input_shapes.append(tuple(h.shape))
-        with tf.GradientTape() as tape:
-            tape.watch(h)
-            total = tf.reduce_sum(per_example_loss(labels, self.upper(h)))
-        return tape.gradient(total, h)
-
-    def regression_loss(self, synthetic, target):
-        self.target_shapes.append(tuple(target.shape))
-        return super().regression_loss(synthetic, target)
 
 
 class ConstantSynthesizer(keras_vfbn.Synthesizer):

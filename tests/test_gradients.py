@@ -4,34 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from oracles import NUM_CLASSES, OracleSynthesizer, per_example_loss
 
 import keras_vfbn
-
-NUM_CLASSES = 3
-
-
-def per_example_loss(labels, logits):
-    return keras.losses.categorical_crossentropy(
-        labels, logits, from_logits=True
-    )
-
-
-class OracleSynthesizer(keras_vfbn.Synthesizer):
-    """Returns the true per-example gradient through the real layers above.
-
-    `upper` is a plain callable, so the upper layers' weights are not
-    tracked as synthesizer weights.
-    """
-
-    def __init__(self, upper, **kwargs):
-        super().__init__(NUM_CLASSES, **kwargs)
-        self.upper = upper
-
-    def synthesize(self, h, labels, training=False):
-        with tf.GradientTape() as tape:
-            tape.watch(h)
-            total = tf.reduce_sum(per_example_loss(labels, self.upper(h)))
-        return tape.gradient(total, h)
 
 
 def build_pair(kind, boundaries, oracle=True):
