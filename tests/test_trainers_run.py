@@ -240,3 +240,49 @@ def test_killed_run_resumes_at_the_next_epoch(small_cifar, tmp_path):
         epochs = [row["epoch"] for row in csv.DictReader(f)]
     assert epochs[-(3 - done) :] == [str(e) for e in range(done, 3)]
     assert sorted(set(epochs)) == ["0", "1", "2"]
+
+
+def test_multi_worker_strategy_from_tf_config(small_cifar, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    tf_config = {
+        "cluster": {"worker": [f"localhost:{port}"]},
+        "task": {"type": "worker", "index": 0},
+    }
+    run_dir = tmp_path / "run"
+    args = tiny_args(
+        small_cifar, run_dir, "--strategy=multi_worker", "--epochs=1"
+    )
+    env = dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=json.dumps(tf_config)
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "trainers.cifar", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["strategy"] == "multi_worker"
+    assert results["replicas"] == 1
+
+
+def test_window_means_undo_keras_running_means():
+    # Per-step values 1..6 in epochs of 3 steps, logged every step and
+    # every 2 steps, as Keras's running means within each epoch.
+    values = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    running = [1.0, 1.5, 2.0, 4.0, 4.5, 5.0]
+    points = list(zip(range(1, 7), running))
+    assert report.window_means(points, 3) == list(zip(range(1, 7), values))
+    every_other = [p for p in points if p[0] % 2 == 0]
+    assert report.window_means(every_other, 3) == [
+        (2, 1.5),
+        (4, 4.0),
+        (6, 5.5),
+    ]

@@ -16,8 +16,8 @@ directory) and prints the table:
   used once per run, so the curve is the held-out validation split.)
 - `cosine_vs_step.png`: cosine similarity between synthetic and true
   gradients against training step, per method and boundary, from the
-  TensorBoard logs (Keras reports each value as the running mean since the
-  start of its epoch).
+  TensorBoard logs: the mean over the steps since the previous logged point
+  (`--tensorboard_update_freq`), recovered from Keras's running means.
 
 A directory without `results.json` (a run still going or killed) is left
 out of the table but its curves are drawn.
@@ -133,6 +133,40 @@ def read_step_scalars(run_dir, suffix="_cosine"):
     }
 
 
+def window_means(points, steps_per_epoch):
+    """Turns Keras's within-epoch running means into per-window means.
+
+    Keras reports a training metric at step `s` as the mean over the
+    epoch's batches so far. With every batch weighted alike, the mean over
+    the steps since the previous logged point of the same epoch is
+    `(k * m_k - j * m_j) / (k - j)`, `k` and `j` being the positions of
+    the two points within their epoch.
+
+    Args:
+        points: sorted `(step, running_mean)` pairs, steps counted from 1.
+        steps_per_epoch: training steps per epoch; falsy leaves the
+            points unchanged.
+
+    Returns:
+        `(step, window_mean)` pairs.
+    """
+    if not steps_per_epoch:
+        return list(points)
+    out = []
+    previous = None
+    for step, mean in points:
+        epoch, k = divmod(step - 1, steps_per_epoch)
+        k += 1
+        if previous is not None and previous[0] == epoch and previous[1] < k:
+            _, j, prev_mean = previous
+            value = (k * mean - j * prev_mean) / (k - j)
+        else:
+            value = mean
+        out.append((step, value))
+        previous = (epoch, k, mean)
+    return out
+
+
 def load_run(run_dir):
     """Everything the report needs from one run directory."""
     run_dir = pathlib.Path(run_dir)
@@ -147,6 +181,13 @@ def load_run(run_dir):
         "vfbn_depth", flag_values.get("vfbn_depth")
     )
     depth = (results or {}).get("depth") or flag_values.get("depth")
+    steps_per_epoch = (results or {}).get("steps_per_epoch") or int(
+        flag_values.get("steps_per_epoch") or 0
+    )
+    cosine = {
+        name: window_means(points, steps_per_epoch)
+        for name, points in read_step_scalars(run_dir).items()
+    }
     return {
         "dir": str(run_dir),
         "method": method,
@@ -155,7 +196,7 @@ def load_run(run_dir):
         "depth": depth,
         "results": results,
         "epochs": read_metrics_csv(run_dir),
-        "cosine": read_step_scalars(run_dir),
+        "cosine": cosine,
     }
 
 
