@@ -112,7 +112,5 @@ def resnet(n=3, num_classes=10, batch_norm="keras", l2=0.0):
             x = keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
             in_channels = channels
     x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(
-        num_classes, kernel_regularizer=regularizer
-    )(x)
+    outputs = keras.layers.Dense(num_classes, kernel_regularizer=regularizer)(x)
     return keras.Model(inputs, outputs, name=f"resnet{6 * n + 2}")

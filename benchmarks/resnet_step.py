@@ -42,6 +42,7 @@ def keras_factory(
     intra_op=None,
     inter_op=None,
     logical_devices=1,
+    calls=1,
     report=None,
 ):
     """Keras ResNet-(6n+2) step, in one of several ways of running it.
@@ -71,6 +72,9 @@ def keras_factory(
         inter_op: `tf.config.threading` inter-op threads (None: default).
         logical_devices: split the CPU into this many logical devices, as
             the test suite does (the model runs on the first).
+        calls: for modes "fit" and "custom", calls of the train function
+            per step call, so that methods that run several steps per
+            call can be compared at equal call lengths.
         report: if "traces", the step returns how often the step function
             was traced so far instead of the loss.
 
@@ -151,7 +155,8 @@ def keras_factory(
         if steps_per_execution == 1:
 
             def step():
-                loss = step_fn(*next(iterator))
+                for _ in range(calls):
+                    loss = step_fn(*next(iterator))
                 return traces[0] if report == "traces" else float(loss)
 
         else:
@@ -193,7 +198,8 @@ def keras_factory(
     iterator = iter(dataset)
 
     def step():
-        logs = model.train_function(iterator)
+        for _ in range(calls):
+            logs = model.train_function(iterator)
         loss = float(logs["loss"])
         return traces[0] if report == "traces" else loss
 
@@ -274,6 +280,18 @@ EXPERIMENTS = {
         "jit": _k(jit_compile=True),
         "fused_jit": _k(batch_norm="fused", jit_compile=True),
     },
+    "loop10": {
+        "keras_fit": _k(calls=10),
+        "keras_custom": _k(mode="custom", calls=10),
+        "fit_loop": _k(mode="fit_loop"),
+        "spe10": _k(steps_per_execution=10),
+    },
+    "final": {
+        "torch": _t(),
+        "torch_passive": (torch_factory, {}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        "keras_fit": _k(),
+        "fused_bn": _k(batch_norm="fused"),
+    },
     "layout": {
         "torch": _t(),
         "torch_nhwc": _t(channels_last=True),
@@ -287,7 +305,9 @@ def per_step(name, spec, timing):
     _, kwargs, _ = spec
     if kwargs.get("mode") == "fit_loop":
         return timing.median / 10
-    return timing.median / kwargs.get("steps_per_execution", 1)
+    return timing.median / (
+        kwargs.get("steps_per_execution", 1) * kwargs.get("calls", 1)
+    )
 
 
 def run_group(methods, rounds, warmup):
@@ -341,8 +361,10 @@ def main(argv=None):
         }
         start = time.perf_counter()
         results = run_group(methods, args.rounds, args.warmup)
-        print(f"== {group} (n={args.n}, {args.rounds} rounds, "
-              f"{time.perf_counter() - start:.0f} s)")
+        print(
+            f"== {group} (n={args.n}, {args.rounds} rounds, "
+            f"{time.perf_counter() - start:.0f} s)"
+        )
         report(methods, results, "all rounds", args.samples)
         quiet = timing.quiet_rounds(results, args.max_others)
         if quiet:
@@ -362,8 +384,10 @@ def report(methods, results, title, samples):
     reference = "torch" if "torch" in results else "keras_fit"
     base = per_step(reference, methods[reference], results[reference])
     paired = timing.paired_ratios(results, reference)
-    print(f"-- {title}; ratios to {reference}: of medians, and per round "
-          "(median [q1, q3])")
+    print(
+        f"-- {title}; ratios to {reference}: of medians, and per round "
+        "(median [q1, q3])"
+    )
     for name, result in results.items():
         step = per_step(name, methods[name], result)
         scale = step / result.median / (base / results[reference].median)

@@ -79,8 +79,7 @@ def test_torch_and_keras_resnets_have_equal_parameter_counts(
     n, trainable, moving
 ):
     pytest.importorskip("torch")
-    from benchmarks import keras_resnet
-    from benchmarks import torch_resnet
+    from benchmarks import keras_resnet, torch_resnet
 
     model = keras_resnet.resnet(n)
     keras_counts = (
