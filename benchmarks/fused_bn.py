@@ -134,3 +134,30 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
                 is_training=False,
             )
         return tf.cast(outputs, self.compute_dtype)
+
+
+def with_fused_batch_norm(model):
+    """A copy of a functional model with every batch norm fused.
+
+    Each `keras.layers.BatchNormalization` becomes a
+    `FusedBatchNormalization` of the same configuration and weights; the
+    other layers are copied as they are.
+
+    Args:
+        model: a functional `keras.Model`.
+
+    Returns:
+        The new model.
+    """
+
+    def clone(layer):
+        config = layer.get_config()
+        if type(layer) is keras.layers.BatchNormalization:
+            new = FusedBatchNormalization.from_config(config)
+        else:
+            new = layer.__class__.from_config(config)
+        return new
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy

@@ -17,9 +17,16 @@ gradient `s` and the true per-example gradient `t` it records:
   (the library's `_cosine` metric);
 - `norm_ratio`: `|s| / |t|` over the batch;
 - `rel_error`: `|s - t| / |t|` over the batch, measured directly;
-- `step_gain`: `norm_ratio * batch cosine`, the length of the lower
-  section's step along the true gradient relative to backprop's. Below 1
-  the lower section trains as if at a lower learning rate.
+- `step_gain`: `<s, t> / |t|^2` over the batch (`norm_ratio` times the
+  batch-level cosine), the length of the lower section's step along the
+  true gradient relative to backprop's. Below 1 the lower section trains
+  as if at a lower learning rate. A synthesizer fitted by least squares
+  shrinks its prediction towards zero as far as it cannot explain the
+  target, which makes `step_gain` close to `norm_ratio ** 2`.
+
+The table's `applied gain` is `step_gain` times the boundary's
+`gradient_scale` (the factor on what is handed down; the probe measures
+the synthesizer's unscaled prediction).
 
 It also records the training loss of every step and the test accuracy
 at the end, and writes a Markdown table, JSON and a PNG plot to
@@ -56,6 +63,15 @@ VARIANTS = {
     "vfbn_d2_a1e-3_warmup50": (
         {"method": "vfbn", "vfbn_depth": 2, "alpha_gs": 1e-3},
         {"synthesizer_warmup_steps": 50},
+    ),
+    "vfbn_d2_a1e-3_scale2": (
+        {
+            "method": "vfbn",
+            "vfbn_depth": 2,
+            "alpha_gs": 1e-3,
+            "gradient_scale": 2.0,
+        },
+        {},
     ),
     "vfbn_d2_a1e-3_slr1e-2": (
         {"method": "vfbn", "vfbn_depth": 2, "alpha_gs": 1e-3},
@@ -116,6 +132,14 @@ def define_flags():
         "output_dir",
         "benchmarks/results/gradient_quality",
         "Directory for gradient_quality.json, .md and .png.",
+    )
+    flags.DEFINE_boolean(
+        "reuse",
+        False,
+        "Keep the records of methods already in --output_dir's JSON that "
+        "this run does not train, when that run had the same steps, "
+        "batch size, depth, learning rate and seed; the table then holds "
+        "both. Methods train on the same replayed batches either way.",
     )
 
 
@@ -256,6 +280,12 @@ def summarize(records):
             # The last five probes (25 steps at the default spacing).
             row[key] = _tail_mean(r[key], 5) if r[key] else None
         rows[name] = row
+    for name, row in rows.items():
+        scale = VARIANTS.get(name, ({}, {}))[0].get("gradient_scale", 1.0)
+        row["gradient_scale"] = scale
+        row["applied_gain"] = (
+            None if row["step_gain"] is None else row["step_gain"] * scale
+        )
     base = rows.get("dni_linear", {}).get("cosine")
     for row in rows.values():
         row["cosine_vs_dni_linear"] = (
@@ -272,8 +302,8 @@ def format_table(rows):
 
     lines = [
         "| method | cosine | x dni_linear | norm ratio | rel. error "
-        "| step gain | train loss | test acc. (%) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| step gain | applied gain | train loss | test acc. (%) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in rows.items():
         lines.append(
@@ -282,6 +312,7 @@ def format_table(rows):
             f"| {cell(row['norm_ratio'], '.3f')} "
             f"| {cell(row['rel_error'], '.3f')} "
             f"| {cell(row['step_gain'], '.3f')} "
+            f"| {cell(row['applied_gain'], '.3f')} "
             f"| {row['loss_last20']:.3f} "
             f"| {100 * row['test_accuracy']:.1f} |"
         )
@@ -303,18 +334,23 @@ def plot(records, path):
         ("norm_ratio", "|synthetic| / |true|"),
     )
     for ax, (key, label) in zip(axes.flat, panels):
-        for name, r in records.items():
+        for color, (name, r) in enumerate(records.items()):
             if r[key]:
-                ax.plot(r["probe_step"], r[key], label=name)
+                ax.plot(r["probe_step"], r[key], label=name, color=f"C{color}")
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     ax = axes.flat[3]
-    for name, r in records.items():
+    for color, (name, r) in enumerate(records.items()):
         loss = np.asarray(r["loss"])
         window = min(10, len(loss))
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-        ax.plot(np.arange(len(smooth)) + window - 1, smooth, label=name)
+        ax.plot(
+            np.arange(len(smooth)) + window - 1,
+            smooth,
+            label=name,
+            color=f"C{color}",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (10-step mean)")
     ax.grid(alpha=0.3)
@@ -322,11 +358,49 @@ def plot(records, path):
         axes.flat[0].legend(fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
 
 
-def run(config, methods, image_folder, cache_dir, output_dir):
+# Settings that must agree for records of two runs to share a table.
+_COMPARABLE = (
+    "steps",
+    "batch_size",
+    "depth",
+    "probe_every",
+    "learning_rate",
+    "lr_decay",
+    "test_examples",
+    "seed",
+)
+
+
+def _previous_records(output_dir, config, methods):
+    """Records of other methods from an earlier run with the same config."""
+    path = pathlib.Path(output_dir) / "gradient_quality.json"
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    mismatch = [
+        key
+        for key in _COMPARABLE
+        if previous["config"].get(key) != config.get(key)
+    ]
+    if mismatch:
+        logging.warning(
+            "Not reusing %s: its run differs in %s", path, ", ".join(mismatch)
+        )
+        return {}
+    kept = {
+        name: record
+        for name, record in previous["records"].items()
+        if name not in methods
+    }
+    logging.info("Reusing the records of %s from %s", list(kept), path)
+    return kept
+
+
+def run(config, methods, image_folder, cache_dir, output_dir, reuse=False):
     """Trains every method and writes the table, JSON and plot.
 
     Args:
@@ -336,6 +410,8 @@ def run(config, methods, image_folder, cache_dir, output_dir):
         image_folder: the CIFAR-10 image folder or archive.
         cache_dir: where an archive is extracted.
         output_dir: where to write.
+        reuse: keep other methods' records from an earlier run written to
+            `output_dir` with the same settings.
 
     Returns:
         `(rows, records)`: the summary and the per-step records.
@@ -361,7 +437,7 @@ def run(config, methods, image_folder, cache_dir, output_dir):
     batches = _batches(train_ds, config["steps"])
     logging.info("Replaying %d batches for every method", len(batches))
     weights = _reference_weights(config["depth"], config["seed"])
-    records = {}
+    records = _previous_records(output_dir, config, methods) if reuse else {}
     for name in methods:
         records[name] = train_one(name, batches, test_ds, weights, config)
         # Written after every method, so a long run keeps what it has.
@@ -421,6 +497,7 @@ def main(argv):
         FLAGS.image_folder,
         FLAGS.cache_dir,
         FLAGS.output_dir,
+        reuse=FLAGS.reuse,
     )
 
 

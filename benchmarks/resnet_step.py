@@ -54,7 +54,9 @@ def keras_factory(
             runs `model.fit` itself for 10 steps a call (callbacks and
             progress bookkeeping included); "custom" runs a hand-written
             `tf.function` step on the same layers, loss and optimizer.
-        batch_norm: "keras" or "fused" (see `benchmarks.keras_resnet`).
+        batch_norm: "keras" for the trainer's model as it is
+            (`trainers.resnet.build_model`), "fused" for the same model
+            with `benchmarks.fused_bn.FusedBatchNormalization`.
         weight_decay: "l2" for `kernel_regularizer=L2(5e-5)` on kernels,
             "optimizer" for `SGD(weight_decay=1e-4)` (decoupled, all
             weights), "none".
@@ -96,12 +98,15 @@ def keras_factory(
     import keras
     import numpy as np
 
-    from benchmarks import keras_resnet
+    from benchmarks import fused_bn
+    from trainers import resnet
 
     keras.utils.set_random_seed(0)
-    model = keras_resnet.resnet(
-        n, batch_norm=batch_norm, l2=5e-5 if weight_decay == "l2" else 0.0
+    model = resnet.build_model(
+        6 * n + 2, weight_decay=1e-4 if weight_decay == "l2" else 0.0
     )
+    if batch_norm == "fused":
+        model = fused_bn.with_fused_batch_norm(model)
     optimizer = keras.optimizers.SGD(
         0.1,
         momentum=0.9,
@@ -291,6 +296,25 @@ EXPERIMENTS = {
         "torch_passive": (torch_factory, {}, {"OMP_WAIT_POLICY": "PASSIVE"}),
         "keras_fit": _k(),
         "fused_bn": _k(batch_norm="fused"),
+    },
+    # One intra-op thread each: compares the frameworks' arithmetic while
+    # other jobs keep a core busy (see `benchmarks.step_cost --threads`).
+    "one_thread": {
+        "torch": _t(threads=1),
+        "keras_fit": _k(intra_op=1, inter_op=1),
+        "fused_bn": _k(batch_norm="fused", intra_op=1, inter_op=1),
+    },
+    "one_thread_causes": {
+        "torch": _t(threads=1),
+        "keras_fit": _k(intra_op=1, inter_op=1),
+        "keras_custom": _k(mode="custom", intra_op=1, inter_op=1),
+        "wd_none": _k(weight_decay="none", intra_op=1, inter_op=1),
+        "jit": _k(jit_compile=True, intra_op=1, inter_op=1),
+        "onednn_off": (
+            keras_factory,
+            {"intra_op": 1, "inter_op": 1},
+            {"TF_ENABLE_ONEDNN_OPTS": "0"},
+        ),
     },
     "layout": {
         "torch": _t(),

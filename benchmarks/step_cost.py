@@ -62,6 +62,17 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 128, "Examples per step.")
     flags.DEFINE_integer("rounds", 12, "Timed steps of every method.")
     flags.DEFINE_integer("warmup", 3, "Untimed steps of every method first.")
+    flags.DEFINE_integer(
+        "threads",
+        0,
+        "Intra-op threads of every process, TensorFlow's and PyTorch's "
+        "alike (0: each framework's default, all cores). With 1, each "
+        "method computes on one core, which compares the frameworks' "
+        "arithmetic when other jobs keep a core busy: PyTorch's OpenMP "
+        "threads wait for the slowest of them at every op, so a shared "
+        "core slows its multi-threaded step far more than TensorFlow's.",
+        lower_bound=0,
+    )
     flags.DEFINE_boolean(
         "torch",
         True,
@@ -95,12 +106,22 @@ def _memory_kib():
     return values["VmRSS:"], values["VmHWM:"]
 
 
-def _keras_model(depth, method, batch_size):
+def _set_tf_threads(threads):
+    import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def _keras_model(depth, method, batch_size, threads=0):
     import keras
     import numpy as np
     import tensorflow as tf
 
     from trainers import cifar, resnet
+
+    _set_tf_threads(threads)
 
     keras.utils.set_random_seed(0)
     model = resnet.build_model(depth, **METHODS[method])
@@ -111,7 +132,7 @@ def _keras_model(depth, method, batch_size):
     return model, images, labels
 
 
-def keras_train_step(depth, method, batch_size):
+def keras_train_step(depth, method, batch_size, threads=0):
     """Builds one method's model; returns a function running one step.
 
     The step is the function `fit` runs (`model.train_function`) on a
@@ -120,7 +141,7 @@ def keras_train_step(depth, method, batch_size):
     """
     import tensorflow as tf
 
-    model, images, labels = _keras_model(depth, method, batch_size)
+    model, images, labels = _keras_model(depth, method, batch_size, threads)
     iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
     model.make_train_function()
     built_kib = _memory_kib()[0]
@@ -136,9 +157,9 @@ def keras_train_step(depth, method, batch_size):
     return step
 
 
-def keras_predict_step(depth, method, batch_size):
+def keras_predict_step(depth, method, batch_size, threads=0):
     """Builds one method's model; returns a function predicting a batch."""
-    model, images, _ = _keras_model(depth, method, batch_size)
+    model, images, _ = _keras_model(depth, method, batch_size, threads)
     built_kib = _memory_kib()[0]
 
     def step():
@@ -148,10 +169,14 @@ def keras_predict_step(depth, method, batch_size):
     return step
 
 
-def torch_train_step(depth, batch_size):
+def torch_train_step(depth, batch_size, threads=0):
     """The same ResNet's backprop step in PyTorch (see `torch_resnet`)."""
+    import torch
+
     from benchmarks import torch_resnet
 
+    if threads:
+        torch.set_num_threads(threads)
     step_fn = torch_resnet.make_train_step(
         n=(depth - 2) // 6, batch_size=batch_size
     )
@@ -210,6 +235,13 @@ def time_group(factories, rounds, warmup, separate_processes=True):
     }
 
 
+def _median_or_none(values):
+    import statistics
+
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def _timing_row(name, result, reference, paired):
     t = result["timing"]
     memory = result["memory"]
@@ -229,18 +261,28 @@ def _timing_row(name, result, reference, paired):
         "step_mib": step_mib,
         "samples_ms": [s * 1e3 for s in t.samples],
         "other_load": list(t.others),
+        "other_load_median": _median_or_none(t.others),
     }
 
 
 def measure_depth(
-    depth, methods, batch_size, rounds, warmup, torch, separate_processes=True
+    depth,
+    methods,
+    batch_size,
+    rounds,
+    warmup,
+    torch,
+    separate_processes=True,
+    threads=0,
 ):
     """Training-step timings of one depth; returns JSON rows."""
     from benchmarks import timing
 
-    factories = {m: (keras_train_step, (depth, m, batch_size)) for m in methods}
+    factories = {
+        m: (keras_train_step, (depth, m, batch_size, threads)) for m in methods
+    }
     if torch:
-        factories["torch_bp"] = (torch_train_step, (depth, batch_size))
+        factories["torch_bp"] = (torch_train_step, (depth, batch_size, threads))
     load = os.getloadavg()
     results = time_group(factories, rounds, warmup, separate_processes)
     timings = {name: r["timing"] for name, r in results.items()}
@@ -276,14 +318,21 @@ def measure_depth(
 
 
 def measure_inference(
-    depth, methods, batch_size, rounds, warmup, separate_processes=True
+    depth,
+    methods,
+    batch_size,
+    rounds,
+    warmup,
+    separate_processes=True,
+    threads=0,
 ):
     """`predict_on_batch` with boundaries against without; JSON rows."""
     from benchmarks import timing
 
-    factories = {"bp": (keras_predict_step, (depth, "bp", batch_size))}
+    args = (batch_size, threads)
+    factories = {"bp": (keras_predict_step, (depth, "bp") + args)}
     for m in methods:
-        factories[m] = (keras_predict_step, (depth, m, batch_size))
+        factories[m] = (keras_predict_step, (depth, m) + args)
     load = os.getloadavg()
     results = time_group(factories, rounds, warmup, separate_processes)
     timings = {name: r["timing"] for name, r in results.items()}
@@ -299,16 +348,24 @@ def measure_inference(
     }
 
 
+def _cores(value):
+    return "-" if value is None else f"{value:.1f}"
+
+
 def format_markdown(report):
     """The report as Markdown tables."""
     lines = [
         f"Measured {report['date']} on {report['cpu_count']} CPU cores "
         f"(load average at start {report['loadavg'][0]:.1f}), batch "
-        f"{report['batch_size']}, {report['rounds']} interleaved rounds "
+        f"{report['batch_size']}, "
+        f"{report.get('threads') or 'default'} intra-op threads, "
+        f"{report['rounds']} interleaved rounds "
         f"after {report['warmup']} warm-up steps; ratios to `bp` of the "
         "same run (ratio of medians; paired: median of per-round ratios). "
         "Memory: peak resident set of the method's process, and what the "
-        "steps added to it after the model was built.",
+        "steps added to it after the model was built. Other load: median "
+        "CPU (cores) that processes outside the benchmark used during the "
+        "method's timed steps.",
         "",
     ]
     for entry in report["depths"]:
@@ -318,8 +375,8 @@ def format_markdown(report):
             f"{entry['loadavg_end'][0]:.1f})",
             "",
             "| method | step (ms) | x bp | paired x bp | target | "
-            "peak MiB | step MiB |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "peak MiB | step MiB | other load |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in entry["train"]:
             target = row["target"]
@@ -331,7 +388,8 @@ def format_markdown(report):
                 f"| {row['method']} | {row['median_ms']:.0f} "
                 f"[{row['q1_ms']:.0f}, {row['q3_ms']:.0f}] "
                 f"| {row['ratio']:.2f} | {row['paired_ratio']:.2f} "
-                f"| {mark} | {row['peak_mib']:.0f} | {row['step_mib']:.0f} |"
+                f"| {mark} | {row['peak_mib']:.0f} | {row['step_mib']:.0f} "
+                f"| {_cores(row['other_load_median'])} |"
             )
         torch = entry.get("bp_vs_torch")
         if torch:
@@ -370,6 +428,7 @@ def run(
     inference_methods,
     output_dir,
     separate_processes=True,
+    threads=0,
 ):
     """Measures everything and writes JSON and Markdown; returns the dict.
 
@@ -384,6 +443,7 @@ def run(
             is timed against `bp`'s.
         output_dir: where `step_cost.json` and `step_cost.md` go.
         separate_processes: see `time_group`.
+        threads: intra-op threads of every framework (0: their default).
 
     Returns:
         The report, as written to `step_cost.json`.
@@ -402,6 +462,7 @@ def run(
         "batch_size": batch_size,
         "rounds": rounds,
         "warmup": warmup,
+        "threads": threads,
         "depths": [],
         "inference": [],
     }
@@ -425,6 +486,7 @@ def run(
                 warmup,
                 torch,
                 separate_processes,
+                threads,
             )
         )
         write()
@@ -438,6 +500,7 @@ def run(
                 rounds,
                 warmup,
                 separate_processes,
+                threads,
             )
         )
         write()
@@ -457,6 +520,7 @@ def main(argv):
         torch=FLAGS.torch,
         inference_methods=FLAGS.inference_methods,
         output_dir=FLAGS.output_dir,
+        threads=FLAGS.threads,
     )
 
 

@@ -1,6 +1,6 @@
 """The CIFAR ResNet-(6n+2) of He et al. (2016) in PyTorch, as a baseline.
 
-The network matches `benchmarks.keras_resnet.resnet`: a 3x3 convolution to
+The network matches `trainers.resnet.build_model`: a 3x3 convolution to
 16 channels, three stages of `n` basic blocks at 16, 32 and 64 channels
 (the first block of stages 2 and 3 halves the resolution), global average
 pooling and a dense layer. Convolutions have no bias; every convolution is

@@ -17,7 +17,9 @@ def num_replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-def substitute_gradient(h, synthetic, global_batch, use_synthetic, finite):
+def substitute_gradient(
+    h, synthetic, global_batch, use_synthetic, finite, scale=1.0
+):
     """Identity on `h` whose gradient is replaced by `synthetic / batch`.
 
     Args:
@@ -28,6 +30,7 @@ def substitute_gradient(h, synthetic, global_batch, use_synthetic, finite):
             unchanged (synthesizer warm-up).
         finite: Scalar bool, whether `synthetic` is entirely finite. When
             False the section below receives a zero gradient for this step.
+        scale: Factor on the synthetic gradient handed downwards.
 
     Returns:
         A tensor equal to `h`.
@@ -37,7 +40,9 @@ def substitute_gradient(h, synthetic, global_batch, use_synthetic, finite):
     def identity(x):
         def grad(upstream):
             scaled = tf.where(
-                finite, synthetic / global_batch, tf.zeros_like(synthetic)
+                finite,
+                synthetic * (scale / global_batch),
+                tf.zeros_like(synthetic),
             )
             return tf.where(use_synthetic, scaled, upstream)
 
@@ -85,6 +90,18 @@ class SyntheticGradientBoundary(keras.layers.Layer):
 
     Args:
         synthesizer: A `keras_vfbn.Synthesizer`, e.g. `VFBNSynthesizer`.
+        gradient_scale: Factor on the synthetic gradient handed to the
+            section below; the synthesizer still regresses onto the true
+            gradient unscaled, and the diagnostics compare the unscaled
+            prediction. A synthesizer fitted by least squares predicts a
+            shrunken gradient: where it explains a fraction `c^2` of the
+            target, its norm is about `c` times the target's and its step
+            along the true gradient about `c^2` of backprop's, so the
+            section below trains as if at a learning rate `c^2` times the
+            one set. A factor above 1 restores part of that step (and
+            scales the prediction's error alike); the logged
+            `b_norm_ratio` is a guide to its size. 1 hands the prediction
+            down as it is.
         **kwargs: Standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -106,8 +123,14 @@ class SyntheticGradientBoundary(keras.layers.Layer):
           Forward-Backward Networks](https://openreview.net/forum?id=Bkh5h6mXg)
     """
 
-    def __init__(self, synthesizer=None, **kwargs):
+    def __init__(self, synthesizer=None, gradient_scale=1.0, **kwargs):
         super().__init__(**kwargs)
+        if not gradient_scale > 0:
+            raise ValueError(
+                "`gradient_scale` must be > 0. Received: "
+                f"gradient_scale={gradient_scale!r}"
+            )
+        self.gradient_scale = float(gradient_scale)
         if isinstance(synthesizer, dict):
             synthesizer = keras.saving.deserialize_keras_object(synthesizer)
         if not isinstance(synthesizer, Synthesizer):
@@ -174,7 +197,12 @@ class SyntheticGradientBoundary(keras.layers.Layer):
             tf.shape(inputs)[0] * num_replicas(), inputs.dtype
         )
         outputs = substitute_gradient(
-            inputs, synthetic, global_batch, step.use_synthetic, finite
+            inputs,
+            synthetic,
+            global_batch,
+            step.use_synthetic,
+            finite,
+            scale=self.gradient_scale,
         )
         if step.tape is not None:
             step.tape.watch(outputs)
@@ -199,4 +227,5 @@ class SyntheticGradientBoundary(keras.layers.Layer):
         config["synthesizer"] = keras.saving.serialize_keras_object(
             self.synthesizer
         )
+        config["gradient_scale"] = self.gradient_scale
         return config

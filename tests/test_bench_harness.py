@@ -79,9 +79,10 @@ def test_torch_and_keras_resnets_have_equal_parameter_counts(
     n, trainable, moving
 ):
     pytest.importorskip("torch")
-    from benchmarks import keras_resnet, torch_resnet
+    from benchmarks import torch_resnet
+    from trainers import resnet
 
-    model = keras_resnet.resnet(n)
+    model = resnet.build_model(6 * n + 2)
     keras_counts = (
         sum(int(w.numpy().size) for w in model.trainable_weights),
         sum(int(w.numpy().size) for w in model.non_trainable_weights),

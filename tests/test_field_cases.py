@@ -342,6 +342,34 @@ def test_c5_constant_synthetic_gradient_scale(mode, keyword):
     np.testing.assert_allclose(gradient, np.full((5, 4), 7.0), rtol=1e-6)
 
 
+def test_c5_gradient_scale_multiplies_only_the_gradient_handed_down():
+    x = np.ones((2, 5), "float32")
+    y = np.array([0, 2], "int32")
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((5,))
+    dense = keras.layers.Dense(4, use_bias=False)
+    boundary = keras_vfbn.SyntheticGradientBoundary(
+        ConstantSynthesizer(7.0), gradient_scale=0.5, name="cut"
+    )
+    model = keras_vfbn.SyntheticGradientModel(
+        inputs, keras.layers.Dense(NUM_CLASSES)(boundary(dense(inputs)))
+    )
+    model.compile(
+        optimizer=sgd(), loss=task_loss(), synthesizer_optimizer=sgd()
+    )
+    before = dense.kernel.numpy()
+    fit_one_step(model, x, y)
+    # Half the constant 7, with nothing of the true gradient.
+    np.testing.assert_allclose(
+        before - dense.kernel.numpy(), np.full((5, 4), 3.5), rtol=1e-6
+    )
+    assert boundary.get_config()["gradient_scale"] == 0.5
+    with pytest.raises(ValueError, match="gradient_scale"):
+        keras_vfbn.SyntheticGradientBoundary(
+            ConstantSynthesizer(7.0), gradient_scale=0.0
+        )
+
+
 # Keras integration.
 
 

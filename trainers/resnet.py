@@ -215,6 +215,7 @@ def build_model(
     input_shape=(32, 32, 3),
     dni_depth=2,
     dni_output_scale=1e-3,
+    gradient_scale=1.0,
     name=None,
 ):
     """Builds a CIFAR ResNet-(6n+2) set up for one training method.
@@ -237,6 +238,8 @@ def build_model(
         input_shape: image shape, channels last.
         dni_depth: blocks of the Jaderberg small-ResNet synthesizer.
         dni_output_scale: output scale of Jaderberg synthesizers.
+        gradient_scale: factor on the synthetic gradient each boundary
+            hands down (see `keras_vfbn.SyntheticGradientBoundary`).
         name: model name; defaults to e.g. `resnet20_vfbn`.
 
     Returns:
@@ -304,7 +307,9 @@ def build_model(
                     dni_output_scale=dni_output_scale,
                 )
                 x = keras_vfbn.SyntheticGradientBoundary(
-                    synthesizer, name=f"boundary{cut_number}"
+                    synthesizer,
+                    gradient_scale=gradient_scale,
+                    name=f"boundary{cut_number}",
                 )(x)
     logits = _classifier_head(x, num_classes, weight_decay, "logits")
 
