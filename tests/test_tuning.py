@@ -596,3 +596,20 @@ def test_a_missing_bayesian_dependency_is_named(
     with pytest.raises(search.SetupError, match=f"pip install {package}"):
         search.run_search(config, strategy=default_strategy())
     assert not list((tmp_path / "s").glob("trial_*"))
+
+
+def test_raising_max_trials_extends_a_finished_search(resumed_search):
+    # Last in this file: it adds a trial to the shared resumed search.
+    CountTrials.trials_started = 0
+    args = [*resumed_search["args"], "--max_trials=4"]
+    summary = search.run_search(
+        config_for(args), strategy=default_strategy(), callbacks=[CountTrials()]
+    )
+    assert CountTrials.trials_started == 1
+    assert sorted(r["trial_id"] for r in summary["rows"]) == [
+        "0",
+        "1",
+        "2",
+        "3",
+    ]
+    assert summary["counts"] == {"COMPLETED": 4}
