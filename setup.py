@@ -20,6 +20,9 @@ setup(
         "absl-py>=1.4",
         "matplotlib>=3.7",
         "tensorboard>=2.16",
+        # keras-tuner's Bayesian oracle (--tuner=bayesian).
+        "scipy>=1.10",
+        "scikit-learn>=1.3",
     ],
     extras_require={
         "test": ["pytest>=7.4"],

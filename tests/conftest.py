@@ -56,16 +56,16 @@ def cifar_dir(tmp_path_factory):
     return prepare_image_folder(CIFAR_ARCHIVE, cache_dir=cache)
 
 
-_MIRRORED = []
-
-
 @pytest.fixture
 def mirrored_strategy():
-    """One MirroredStrategy over the two logical CPUs, shared by all tests.
+    """The trainer's MirroredStrategy over the two logical CPUs.
 
-    Strategies created one after another in a process can reuse collective
-    instance keys and abort with a shape mismatch; one instance avoids it.
+    `make_strategy` keeps one instance per process: strategies created one
+    after another over the same devices reuse collective keys and abort
+    each other's all-reduces with a shape mismatch.
     """
-    if not _MIRRORED:
-        _MIRRORED.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
-    return _MIRRORED[0]
+    from trainers.cifar import make_strategy
+
+    strategy = make_strategy("mirrored", num_cpu_devices=2)
+    assert strategy.num_replicas_in_sync == 2
+    return strategy

@@ -187,6 +187,33 @@ def test_mirrored_strategy_on_two_logical_cpus(small_cifar, tmp_path):
     assert 0 < results["final_epoch_metrics"]["loss"] < 10
 
 
+def test_a_second_mirrored_run_in_one_process_reuses_the_strategy(
+    small_cifar, tmp_path, mirrored_strategy
+):
+    # A second MirroredStrategy over the same devices would abort the
+    # all-reduces of the first; the trainer hands out one per process.
+    assert cifar.make_strategy("mirrored", 2) is mirrored_strategy
+    for name in ("first", "second"):
+        results = run_trainer(
+            tiny_args(
+                small_cifar,
+                tmp_path / name,
+                "--method=bp",
+                "--strategy=mirrored",
+                "--num_cpu_devices=2",
+                "--epochs=1",
+            )
+        )
+        assert results["replicas"] == 2
+    with mirrored_strategy.scope():
+        value = mirrored_strategy.reduce(
+            "SUM",
+            mirrored_strategy.run(lambda: keras.ops.ones((3,))),
+            axis=None,
+        )
+    assert float(keras.ops.sum(value)) == 6.0
+
+
 def test_killed_run_resumes_at_the_next_epoch(small_cifar, tmp_path):
     run_dir = tmp_path / "run"
     args = tiny_args(

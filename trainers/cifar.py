@@ -741,8 +741,18 @@ def configure_devices(strategy, num_cpu_devices=2):
         )
 
 
+# One strategy object per kind and device set in a process. A second
+# MirroredStrategy over the same devices starts its collective group and
+# instance keys where the first one's began, and the two then abort each
+# other's all-reduces ("Shape mismatch in the collective instance ...").
+# Reusing the instance lets one process run several experiments in turn.
+_STRATEGIES = {}
+
+
 def make_strategy(strategy, num_cpu_devices=2):
-    """Creates the `tf.distribute` strategy named `strategy`.
+    """Returns the `tf.distribute` strategy named `strategy`.
+
+    Calls with the same arguments in one process return the same instance.
 
     Args:
         strategy: "default" (one device), "mirrored" (all local GPUs, or
@@ -758,18 +768,27 @@ def make_strategy(strategy, num_cpu_devices=2):
     if strategy == "default":
         return tf.distribute.get_strategy()
     if strategy == "mirrored":
-        if tf.config.list_physical_devices("GPU"):
-            return tf.distribute.MirroredStrategy()
-        cpus = tf.config.list_logical_devices("CPU")[:num_cpu_devices]
-        if len(cpus) < num_cpu_devices:
-            logging.warning(
-                "Asked for %d logical CPU devices, %d available.",
-                num_cpu_devices,
-                len(cpus),
-            )
-        return tf.distribute.MirroredStrategy([d.name for d in cpus])
+        gpus = tf.config.list_logical_devices("GPU")
+        if gpus:
+            devices = tuple(d.name for d in gpus)
+        else:
+            cpus = tf.config.list_logical_devices("CPU")[:num_cpu_devices]
+            if len(cpus) < num_cpu_devices:
+                logging.warning(
+                    "Asked for %d logical CPU devices, %d available.",
+                    num_cpu_devices,
+                    len(cpus),
+                )
+            devices = tuple(d.name for d in cpus)
+        key = (strategy, devices)
+        if key not in _STRATEGIES:
+            _STRATEGIES[key] = tf.distribute.MirroredStrategy(list(devices))
+        return _STRATEGIES[key]
     if strategy == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        key = (strategy, os.environ.get("TF_CONFIG", ""))
+        if key not in _STRATEGIES:
+            _STRATEGIES[key] = tf.distribute.MultiWorkerMirroredStrategy()
+        return _STRATEGIES[key]
     raise ValueError(
         f"Expected `strategy` to be one of {STRATEGIES}. "
         f"Received: strategy={strategy!r}"
