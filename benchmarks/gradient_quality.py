@@ -64,6 +64,10 @@ VARIANTS = {
         {"method": "vfbn", "vfbn_depth": 2, "alpha_gs": 1e-3},
         {"synthesizer_warmup_steps": 50},
     ),
+    "vfbn_d2_a0.1_warmup50": (
+        {"method": "vfbn", "vfbn_depth": 2, "alpha_gs": 0.1},
+        {"synthesizer_warmup_steps": 50},
+    ),
     "vfbn_d2_a1e-3_scale2": (
         {
             "method": "vfbn",
