@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A scaled-down version of the seed's Table 2 (DESIGN.md section 2) that
+# A scaled-down version of the seed's Table 2 (Miyato et al. 2017, Table 2) that
 # runs on a 2-core CPU in under an hour: ResNet-20 instead of ResNet-110,
 # 5 epochs of 60 steps (300 steps of batch 128) instead of 64,000 steps,
 # every method of the table, 2 seeds. It trains through the trainer with

@@ -223,9 +223,49 @@ def test_image_folder_without_images_names_what_was_looked_for(tmp_path):
 def test_relaunch_with_other_flags_is_refused(tmp_path):
     fv, _ = parse(f"--model_dir={tmp_path}", "--method=bp")
     (tmp_path / "flags.cfg").write_text(cifar.flagfile_text(fv))
+    # What BackupAndRestore leaves after the first completed epoch.
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "backup" / "training_metadata.json").write_text(
+        '{"epoch": 1}'
+    )
     fv, _ = parse(f"--model_dir={tmp_path}", "--method=vfbn")
     with pytest.raises(app.UsageError, match="--method=bp -> --method=vfbn"):
         cifar.run_from_flags(fv)
+
+
+def test_a_launch_that_failed_before_an_epoch_does_not_lock_its_dir(
+    tmp_path, monkeypatch
+):
+    fv, _ = parse(f"--model_dir={tmp_path}", "--batch_size=127")
+    (tmp_path / "flags.cfg").write_text(cifar.flagfile_text(fv))
+    started = []
+    monkeypatch.setattr(cifar, "train", lambda config: started.append(config))
+    fv, _ = parse(f"--model_dir={tmp_path}", "--batch_size=128")
+    with pytest.raises(TypeError):  # the stub returns no results
+        cifar.run_from_flags(fv)
+    assert [c.batch_size for c in started] == [128]
+    assert "--batch_size=128" in (tmp_path / "flags.cfg").read_text()
+
+
+def test_a_setting_that_does_not_fit_is_one_error_line(tmp_path, monkeypatch):
+    def train(config):
+        raise cifar.spec.ConfigurationError(
+            "--batch_size=127 must be a multiple of the 2 replicas"
+        )
+
+    monkeypatch.setattr(cifar, "train", train)
+    fv, _ = parse(f"--model_dir={tmp_path}", "--batch_size=127")
+    with pytest.raises(SystemExit, match="^Error: --batch_size=127 must"):
+        cifar.run_from_flags(fv)
+
+
+def test_a_trailing_comment_on_a_text_flag_is_refused(tmp_path):
+    flagfile = tmp_path / "run.cfg"
+    flagfile.write_text(f"--model_dir={tmp_path / 'run'}  # scratch run\n")
+    fv, _ = parse(f"--flagfile={flagfile}")
+    with pytest.raises(app.UsageError, match="trailing comment.*own"):
+        cifar.config_from_flags(fv)
+    assert not (tmp_path / "run").exists()
 
 
 def test_model_dir_placeholders():

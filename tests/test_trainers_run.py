@@ -170,6 +170,15 @@ def test_report_mean_and_spread_over_seeds(tmp_path):
     assert "| backprop (whole network) | 12.00 ± 2.00 | 3 |" in table
 
 
+def test_report_of_runs_that_never_finished_is_an_error(tmp_path):
+    run = tmp_path / "bp-0"
+    run.mkdir()
+    (run / "flags.cfg").write_text("--method=bp\n--depth=20\n")
+    with pytest.raises(FileNotFoundError, match="None of the run dir"):
+        report.write_report([run], tmp_path / "report")
+    assert not (tmp_path / "report" / "report.md").exists()
+
+
 def test_mirrored_strategy_on_two_logical_cpus(small_cifar, tmp_path):
     results = run_trainer(
         tiny_args(

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -534,9 +535,32 @@ def check_positional_arguments(argv):
         )
 
 
+def check_no_trailing_comments(flag_values, names):
+    """Rejects a text flag whose value ends in what looks like a comment.
+
+    absl takes everything after `=` as the value, so a flagfile line
+    `--model_dir=runs/a  # note` would silently name a directory
+    "runs/a  # note". Numeric and boolean flags already fail to parse.
+
+    Raises:
+        app.UsageError: naming the flag and the line to write instead.
+    """
+    for name in names:
+        value = flag_values[name].value
+        if isinstance(value, str) and re.search(r"\s#", value):
+            kept = re.split(r"\s+#", value, maxsplit=1)[0]
+            raise app.UsageError(
+                f"--{name}={value!r} holds what looks like a trailing "
+                "comment: absl reads the whole rest of the line as the "
+                f"value. Write --{name}={kept} and put the comment on a "
+                "line of its own."
+            )
+
+
 def config_from_flags(flag_values=None):
     """Builds a `TrainConfig` from parsed flags."""
     fv = flags.FLAGS if flag_values is None else flag_values
+    check_no_trailing_comments(fv, FLAG_NAMES)
     values = {name: fv[name].value for name in FLAG_NAMES}
     values["cuts"] = _int_list(values["cuts"] or "")
     values["lr_decay_at"] = _float_list(values["lr_decay_at"] or "")
@@ -887,9 +911,10 @@ def train(config):
     strategy = make_strategy(config.strategy, config.num_cpu_devices)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
-        raise ValueError(
+        raise spec.ConfigurationError(
             f"--batch_size={config.batch_size} must be a multiple of the "
-            f"{replicas} replicas of --strategy={config.strategy}."
+            f"{replicas} replicas of --strategy={config.strategy}; e.g. "
+            f"--batch_size={max(replicas, config.batch_size // replicas * replicas)}."
         )
     logging.info(
         "Strategy %s: %d replica(s), global batch %d (%d per replica)",
@@ -1060,10 +1085,22 @@ def train(config):
     return results
 
 
+class RelaunchError(app.UsageError):
+    """A run directory holds a run started with other flags."""
+
+
 def _check_relaunch(model_dir, text):
-    """Refuses to resume a run directory with different flags."""
+    """Refuses to resume a run directory with different flags.
+
+    Only a run that completed an epoch (or finished) holds anything to
+    resume; a launch that stopped before that, e.g. on a batch size the
+    replicas cannot share, leaves its flags.cfg to be replaced.
+    """
     path = pathlib.Path(model_dir) / "flags.cfg"
-    if not path.exists():
+    progress = _backup_epoch(pathlib.Path(model_dir) / "backup") > 0 or (
+        pathlib.Path(model_dir) / "results.json"
+    ).exists()
+    if not path.exists() or not progress:
         return
 
     def parse(content):
@@ -1087,7 +1124,7 @@ def _check_relaunch(model_dir, text):
             f"{old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
             for k in changed
         )
-        raise app.UsageError(
+        raise RelaunchError(
             f"--model_dir={model_dir} holds a run with different flags "
             f"({details}). Relaunch it with --flagfile={path}, or choose a "
             "new --model_dir."
@@ -1097,7 +1134,11 @@ def _check_relaunch(model_dir, text):
 def main(argv):
     """absl entry point: checks, then trains with the parsed flags."""
     check_positional_arguments(argv)
-    run_from_flags(flags.FLAGS)
+    try:
+        run_from_flags(flags.FLAGS)
+    except RelaunchError as e:
+        # Not a mistake in how flags are written: one line, not the help.
+        sys.exit(f"Error: {e}")
 
 
 def run_from_flags(flag_values):
@@ -1137,7 +1178,11 @@ def run_from_flags(flag_values):
         )
     try:
         results = train(config)
-    except (data.DatasetUnavailableError, data.CorruptImageError) as e:
+    except (
+        data.DatasetUnavailableError,
+        data.CorruptImageError,
+        spec.ConfigurationError,
+    ) as e:
         sys.exit(f"Error: {e}")
     print(
         f"method={results['method']} depth={results['depth']} "

@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainers import spec
 from trainers.spec import TFDS_NAME, TFDS_VERSION
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -435,7 +436,7 @@ def split_arrays(
     rng = np.random.default_rng(seed)
     n = len(arrays.y_train)
     if validation_examples < 0 or validation_examples >= n:
-        raise ValueError(
+        raise spec.ConfigurationError(
             f"Expected `validation_examples` in [0, {n - 1}] for a training "
             f"set of {n} images. Received: "
             f"validation_examples={validation_examples}"
@@ -632,7 +633,7 @@ def load_datasets(
         seed=seed,
     )
     if len(train[1]) < batch_size:
-        raise ValueError(
+        raise spec.ConfigurationError(
             f"The training split has {len(train[1])} examples, fewer than "
             f"one batch of {batch_size}."
         )

@@ -357,7 +357,7 @@ def write_report(run_dirs, output_dir=None):
 
     Raises:
         FileNotFoundError: if a run directory does not exist or holds no
-            run.
+            run, or if no run has finished.
     """
     runs = []
     for run_dir in run_dirs:
@@ -371,6 +371,20 @@ def write_report(run_dirs, output_dir=None):
                 "flags.cfg or results.json)."
             )
         runs.append(load_run(path))
+    unfinished = [r["dir"] for r in runs if r["results"] is None]
+    if len(unfinished) == len(runs):
+        raise FileNotFoundError(
+            "None of the run directories holds a results.json, so there "
+            f"is no test error to tabulate ({', '.join(unfinished)}): "
+            "finish the runs (relaunching one resumes it) or give finished "
+            "ones."
+        )
+    for run_dir in unfinished:
+        logging.warning(
+            "%s has no results.json (still running, or stopped before the "
+            "end): its curves are drawn, but it is left out of the table.",
+            run_dir,
+        )
     if output_dir is None:
         first = pathlib.Path(run_dirs[0]).resolve()
         output_dir = first.parent / "report"

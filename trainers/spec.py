@@ -10,6 +10,15 @@ TFDS_NAME = "cifar10"
 TFDS_VERSION = "3.0.2"
 
 
+class ConfigurationError(ValueError):
+    """A setting that does not fit the data or the devices.
+
+    Found only once the data is read or the strategy is made (e.g. a batch
+    size that the replicas cannot share, or more validation images than
+    the training set holds), so flag validation cannot catch it earlier.
+    """
+
+
 def blocks_per_stage(depth):
     """Returns `n` for a ResNet-(6n+2).
 

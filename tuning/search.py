@@ -34,7 +34,7 @@ import sys
 
 from absl import app, flags, logging
 
-from trainers import cifar
+from trainers import cifar, spec
 
 TUNERS = ("random", "bayesian", "hyperband")
 
@@ -404,6 +404,9 @@ def config_from_flags(flag_values=None):
                 f"--{name} is what the search chooses; set its range with "
                 f"{ranges} instead."
             )
+    cifar.check_no_trailing_comments(
+        fv, cifar.FLAG_NAMES + tuple(SEARCH_FLAG_NAMES)
+    )
     values = {name: fv[name].value for name in cifar.FLAG_NAMES}
     values["cuts"] = _int_list(values["cuts"] or "")
     values["lr_decay_at"] = _float_list(values["lr_decay_at"] or "")
@@ -736,7 +739,7 @@ def run_search(config, strategy=None, callbacks=()):
         strategy = cifar.make_strategy(train.strategy, train.num_cpu_devices)
     replicas = strategy.num_replicas_in_sync
     if train.batch_size % replicas:
-        raise ValueError(
+        raise spec.ConfigurationError(
             f"--batch_size={train.batch_size} must be a multiple of the "
             f"{replicas} replicas of --strategy={train.strategy}."
         )
@@ -863,6 +866,7 @@ def run_from_flags(flag_values):
         results.SearchFailedError,
         data.DatasetUnavailableError,
         data.CorruptImageError,
+        spec.ConfigurationError,
         tuners.ChiefUnreachableError,
     ) as e:
         logging.error("%s", e)
