@@ -7,6 +7,7 @@ without GPUs. Single-device tests run on the first of them, as usual.
 
 import os
 import pathlib
+import shutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -54,6 +55,31 @@ def cifar_dir(tmp_path_factory):
 
     cache = os.environ.get("KERAS_VFBN_CACHE")
     return prepare_image_folder(CIFAR_ARCHIVE, cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
+def cifar_subset(cifar_dir, tmp_path_factory):
+    """Makes image folders of the first real CIFAR-10 JPEGs of each class.
+
+    Returns a function `(train, test) -> directory` holding `train` and
+    `test` images per class in `train/<class>/` and `test/<class>/`; each
+    size is made once per test session.
+    """
+    made = {}
+
+    def make(train, test):
+        if (train, test) not in made:
+            root = tmp_path_factory.mktemp(f"cifar_{train}_{test}")
+            for split, count in (("train", train), ("test", test)):
+                for class_dir in sorted((cifar_dir / split).iterdir()):
+                    target = root / split / class_dir.name
+                    target.mkdir(parents=True)
+                    for path in sorted(class_dir.iterdir())[:count]:
+                        shutil.copy(path, target / path.name)
+            made[train, test] = root
+        return made[train, test]
+
+    return make
 
 
 @pytest.fixture

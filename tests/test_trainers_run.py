@@ -8,7 +8,6 @@ import csv
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,16 +32,9 @@ RESULT_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def small_cifar(cifar_dir, tmp_path_factory):
+def small_cifar(cifar_subset):
     """24 training and 8 test images of each class, real CIFAR-10 JPEGs."""
-    root = tmp_path_factory.mktemp("small_cifar")
-    for split, count in (("train", 24), ("test", 8)):
-        for class_dir in sorted((cifar_dir / split).iterdir()):
-            target = root / split / class_dir.name
-            target.mkdir(parents=True)
-            for path in sorted(class_dir.iterdir())[:count]:
-                shutil.copy(path, target / path.name)
-    return root
+    return cifar_subset(train=24, test=8)
 
 
 def tiny_args(image_folder, model_dir, *extra):

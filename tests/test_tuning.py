@@ -7,7 +7,6 @@ search is in test_tuning_distributed.py.
 
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -26,16 +25,9 @@ QUICK = REPO / "tuning" / "configs" / "quick.cfg"
 
 
 @pytest.fixture(scope="module")
-def small_cifar(cifar_dir, tmp_path_factory):
+def small_cifar(cifar_subset):
     """20 training and 2 test images of each class, real CIFAR-10 JPEGs."""
-    root = tmp_path_factory.mktemp("small_cifar")
-    for split, count in (("train", 20), ("test", 2)):
-        for class_dir in sorted((cifar_dir / split).iterdir()):
-            target = root / split / class_dir.name
-            target.mkdir(parents=True)
-            for path in sorted(class_dir.iterdir())[:count]:
-                shutil.copy(path, target / path.name)
-    return root
+    return cifar_subset(train=20, test=2)
 
 
 def tiny_args(image_folder, search_dir, *extra):
