@@ -882,6 +882,31 @@ def _backup_epoch(backup_dir):
         return 0
 
 
+def load_data(config):
+    """The training, validation and test pipelines a `TrainConfig` asks for.
+
+    Returns:
+        `(train, validation, test, info)` as `data.load_datasets` gives
+        them with `return_info=True`.
+    """
+    from trainers import data
+
+    return data.load_datasets(
+        dataset=config.dataset,
+        image_folder=config.image_folder,
+        data_dir=config.data_dir,
+        download=config.tfds_download,
+        cache_dir=config.cache_dir,
+        validation_examples=config.validation_examples,
+        train_examples=config.train_examples or None,
+        test_examples=config.test_examples or None,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        augment_train=config.augment,
+        return_info=True,
+    )
+
+
 def train(config):
     """Trains, evaluates and writes one run. No flags are read.
 
@@ -924,20 +949,7 @@ def train(config):
         config.batch_size // replicas,
     )
 
-    train_ds, val_ds, test_ds, info = data.load_datasets(
-        dataset=config.dataset,
-        image_folder=config.image_folder,
-        data_dir=config.data_dir,
-        download=config.tfds_download,
-        cache_dir=config.cache_dir,
-        validation_examples=config.validation_examples,
-        train_examples=config.train_examples or None,
-        test_examples=config.test_examples or None,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        augment_train=config.augment,
-        return_info=True,
-    )
+    train_ds, val_ds, test_ds, info = load_data(config)
     steps_per_epoch = config.steps_per_epoch or info.steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
     logging.info(

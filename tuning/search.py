@@ -730,8 +730,6 @@ def run_search(config, strategy=None, callbacks=()):
 
     import keras
 
-    from trainers import data
-
     if role == "worker":
         tuners.wait_for_chief(config.chief_wait_seconds)
     if strategy is None:
@@ -750,19 +748,9 @@ def run_search(config, strategy=None, callbacks=()):
         train.batch_size,
     )
     keras.utils.set_random_seed(train.seed)
-    train_ds, val_ds, _, info = data.load_datasets(
-        dataset=train.dataset,
-        image_folder=train.image_folder,
-        data_dir=train.data_dir,
-        download=train.tfds_download,
-        cache_dir=train.cache_dir,
-        validation_examples=train.validation_examples,
-        train_examples=train.train_examples or None,
-        batch_size=train.batch_size,
-        seed=train.seed,
-        augment_train=train.augment,
-        return_info=True,
-    )
+    # The test split is loaded too (limited by --test_examples) but never
+    # read: trials are scored on the validation split.
+    train_ds, val_ds, _, info = cifar.load_data(train)
     steps_per_epoch = train.steps_per_epoch or info.steps_per_epoch
     logging.info(
         "Data: %s; %d train, %d validation images (the objective), %d "
